@@ -23,7 +23,7 @@ def converted_lines(folder):
 
 
 def test_photos_turned_by_their_exif_orientation_are_one_line_past_three(tmp_path):
-    """A phone folder's portrait and upside-down photos (57 of 120) said one `converted` line each, burying the other
+    """A phone folder's portrait and upside-down photos (60 of 120) said one `converted` line each, burying the other
     findings; past three, they are one line with the first three names. Other conversions stay one line per image."""
     for i, orientation in enumerate([6, 8, 3, 6, 6]):
         save_turned(tmp_path / f"IMG_{i}.jpg", seed=i, orientation=orientation)
