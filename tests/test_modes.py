@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -227,7 +228,7 @@ def test_validation_samples_with_the_negative_prompt(method_recipe, method):
         torch.manual_seed(recipe.seed)
         chosen.setup(load_base_model(recipe.model))
         rows, _ = chosen.validation_images(chosen.trained_modules())
-        images[negative] = [torch.tensor(list(image.getdata()), dtype=torch.float32) for image in rows[0][-2:]]
+        images[negative] = [torch.tensor(np.asarray(image), dtype=torch.float32) for image in rows[0][-2:]]  # getdata(): gone in Pillow 14
     assert all(not torch.equal(a, b) for a, b in zip(images[None], images["a blue square"]))
 
 
