@@ -97,9 +97,11 @@ def test_a_single_file_base_samples_with_the_clip_skip_its_header_records(single
         assert main(["sample", *base, "--prompt", "a red circle", "--num-images", "1", "--steps", "2", "--out", str(out)]) == 0, capsys.readouterr().err
         return np.asarray(Image.open(out / "00000-prompt0_seed0.png"))
 
-    from_folder = sample("--base", str(pipeline))
-    assert not np.array_equal(sample("--base", str(configs)), from_folder)  # clip skip 2 changes the image
-    assert np.array_equal(sample("--base", str(path), "--base-config", str(configs)), from_folder)
+    from_folder = sample("--base", str(pipeline)).astype(int)
+    # Weights mmap'd at other offsets than the folder's: MKL's SSE4.2 path rounds by alignment (UNet output 9e-7 apart), a
+    # pixel on a rounding edge then moves one level, never two; clip skip 2 moves pixels by more.
+    assert np.abs(sample("--base", str(configs)) - from_folder).max() > 1  # clip skip 2 changes the image
+    assert np.abs(sample("--base", str(path), "--base-config", str(configs)) - from_folder).max() <= 1
     assert DemoEngine(str(path), tmp_path / "adapters", base_config=str(configs)).base_metadata["finetune.clip_skip"] == "2"
 
 
