@@ -6,11 +6,7 @@ macosx_14_0_arm64 alone (no sdist), so macOS 13 could not install it. Without th
 
 import re
 import shlex
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10, which requires-python allows: tomllib is 3.11's, tomli its backport (the dev extra's)
-    import tomli as tomllib
+import tomllib
 
 import pytest
 from conftest import REPO
