@@ -33,12 +33,12 @@ def test_threads_give_the_report_of_one_thread(odd_folder, monkeypatch):
     inspect = check_data.inspect
     meeting = None  # threaded: the first two images wait for each other, so two threads must check them, however busy the host
 
-    def inspect_slowly(example, config):
+    def inspect_slowly(example, config, record=None):
         seen_threads.add(threading.get_ident())
         if meeting is not None and next(first_two) < 2:
             meeting.wait()
         time.sleep(0.02)  # and then more threads take the images after them
-        return inspect(example, config)
+        return inspect(example, config, record)
 
     monkeypatch.setattr(check_data, "inspect", inspect_slowly)
     serial = report_of(odd_folder, monkeypatch, threads=1)

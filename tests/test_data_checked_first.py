@@ -32,9 +32,9 @@ def inspected(monkeypatch) -> Counter:
     """How many times each image has been inspected (decoded and checked) since the test began."""
     counts, inspect = Counter(), finetune.data_check.check.inspect
 
-    def counted_inspect(example, config):
+    def counted_inspect(example, config, record=None):
         counts[example.source] += 1
-        return inspect(example, config)
+        return inspect(example, config, record)
 
     monkeypatch.setattr(finetune.data_check.check, "inspect", counted_inspect)
     return counts

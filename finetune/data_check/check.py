@@ -11,15 +11,14 @@ Every image is decoded once. Findings come in three levels:
   nothing happens unseen.
 
 Training runs the same check (`checked_examples`) and prints the same summary at its start; the
-command that prints it is finetune/data_check/command.py.
+command that prints it is finetune/data_check/command.py. A file unchanged since the last check is not decoded again:
+what was read from it comes from the check's record (finetune/data_check/check_record.py), the rest is worked out anew.
 """
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from finetune.captions.captions import caption_alternative, caption_lines, dataset_of_row, empty_caption_message, missing_caption_message
 from finetune.captions.overrides import unread_captions_line
@@ -31,12 +30,14 @@ from finetune.data.epoch_uses import expand_repeats
 from finetune.data.image_folder_datasets import image_dir_advice
 from finetune.data.image_warnings import pillow_warning_line, pillow_warnings
 from finetune.data.images import decode, file_stamp, float_levels_problem, has_alpha, pixel_digest, turned_on_its_side, upright_rgb
-from finetune.data.loss_mask import alpha_mask, image_sharing_mask, mask_area, mask_digest, mask_path, opaque_images, opaque_images_warning, read_mask_file
+from finetune.data.loss_mask import alpha_mask, mask_area, mask_digest, opaque_images, opaque_images_warning
 from finetune.data.sources import Example, data_folders, read_examples
 from finetune.data.views import cut, plan_cover_crop
+from finetune.data_check.check_record import CheckRecord, ImageFacts
 from finetune.data_check.checked_once import kept_check
 from finetune.data_check.conversions import TURNED_NAMED, conversions, is_turn, turns_line
 from finetune.data_check.folder_warnings import folder_warnings
+from finetune.data_check.mask_check import inspect_loss_mask
 from finetune.data_check.threads import each_on_threads
 from finetune.errors import FinetuneError
 
@@ -61,6 +62,7 @@ class DataReport:
     skipped: list[Finding] = field(default_factory=list)  # fatal findings left out by data.skip_bad_images
     skipping: bool = False  # data.skip_bad_images: every image not `usable` is skipped (its finding may be said by another report)
     notes: list[str] = field(default_factory=list)  # lines of what training does with the data, said beside the counts
+    unchanged: int = 0  # images whose facts came from the check's record (check_record.py), not decoded again
 
     def of_level(self, level: str) -> list[Finding]:
         return [finding for finding in self.findings if finding.level == level]
@@ -78,7 +80,8 @@ class DataReport:
         found = counted(self.found, "image") + (f" ({files} files, some under two templates)" if files < len(self.usable) else "")
         held = len({example.source for example in self.usable} & held_out)
         lines = [f"{self.label}: {found}, {len(self.usable)} used, {skipped} skipped; {counted(uses, 'use')} per epoch"
-                 + (f" ({held} held out by validation.loss_images)" if held else "")]  # fmt: skip
+                 + (f" ({held} held out by validation.loss_images)" if held else "")
+                 + (f"; {self.unchanged} unchanged since the last check, not decoded again" if self.unchanged else "")]  # fmt: skip
         sizes = [example.size for example in self.usable]
         if sizes:
             shapes = Counter("landscape" if w > h else "portrait" if h > w else "square" for w, h in sizes)
@@ -131,8 +134,9 @@ def folder_shares_line(usable: list[Example], config: DataConfig) -> str:
 # One image
 
 
-def inspect(example: Example, config: DataConfig) -> tuple[Example | None, list[Finding], str | None]:
-    """(the example with its size, or None if unusable; findings; a hash of its decoded pixels)."""
+def inspect(example: Example, config: DataConfig, record: CheckRecord | None = None) -> tuple[Example | None, list[Finding], str | None]:
+    """(the example with its size, or None if unusable; findings; a hash of its decoded pixels). `record`: the files' facts kept
+    from an earlier check, taken for a file whose stamp is as kept instead of decoding it (finetune/data_check/check_record.py)."""
     source, findings = example.source, []
     # Said once the file decodes: a text file named .jpg is told it is no image, not to get a caption as well.
     no_caption = [Finding(FATAL, source, missing_caption_message(source, caption_alternative(config, example.folder_index)))] if example.caption is None else []
@@ -143,33 +147,49 @@ def inspect(example: Example, config: DataConfig) -> tuple[Example | None, list[
             message = (f"image {source}: caption of {len(lines)} lines" + (" (or list entries)" if dataset_of_row(source) else "") + ", each a caption of "
                        "its own: one line trains each epoch (to train them together, join them with commas on one line)")  # fmt: skip
             findings.append(Finding(CONVERTED, source, message))
-    try:
-        stamp = file_stamp(source)  # before decoding: an edit while it decodes shows as a changed file
-        with pillow_warnings() as heard:  # said in the summary, naming the image (Pillow's own lines name none)
-            raw = decode(example)
-            if message := float_levels_problem(raw, f"image {source}"):
-                return None, no_caption + findings + [Finding(FATAL, source, message)], None  # it decodes: both are said
-            image = upright_rgb(raw)  # reads its EXIF and converts its palette: the warnings are of these
-    except FinetuneError as err:
-        return None, findings + [Finding(FATAL, source, str(err))], None
-    except Exception as err:  # a file that decodes but cannot be converted
-        message = f"image {source} cannot be converted to RGB ({err.__class__.__name__}: {err}): re-save it as PNG or JPEG"
-        return None, no_caption + findings + [Finding(FATAL, source, message)], None
+    stamp = file_stamp(source)  # before decoding: an edit while it decodes shows as a changed file
+    with_alpha = config.loss_mask.enabled and config.loss_mask.source == "alpha"
+    if (facts := record.facts(source, stamp, ImageFacts, with_alpha) if record is not None else None) is None:
+        try:
+            with pillow_warnings() as heard:  # said in the summary, naming the image (Pillow's own lines name none)
+                raw = decode(example)
+                if message := float_levels_problem(raw, f"image {source}"):
+                    return None, no_caption + findings + [Finding(FATAL, source, message)], None  # it decodes: both are said
+                image = upright_rgb(raw)  # reads its EXIF and converts its palette: the warnings are of these
+        except FinetuneError as err:
+            return None, findings + [Finding(FATAL, source, str(err))], None
+        except Exception as err:  # a file that decodes but cannot be converted
+            message = f"image {source} cannot be converted to RGB ({err.__class__.__name__}: {err}): re-save it as PNG or JPEG"
+            return None, no_caption + findings + [Finding(FATAL, source, message)], None
+        facts = image_facts(raw, image, heard, with_alpha)
+        if record is not None:
+            record.keep(source, stamp, facts)
     findings = no_caption + findings
-    if heard:
-        findings.append(Finding(WARNING, source, pillow_warning_line(source, heard)))
-    width, height = image.size
+    if facts.heard:
+        findings.append(Finding(WARNING, source, pillow_warning_line(source, list(facts.heard))))
+    width, height = facts.size
     if (message := too_small_problem(source, width, height, config)) is not None:
         findings.append(Finding(FATAL, source, message))
-    digest = pixel_digest(image)
-    example = replace(example, size=(width, height), digest=digest, file_stamp=stamp)
+    example = replace(example, size=(width, height), digest=facts.digest, file_stamp=stamp)
     if config.loss_mask.enabled:
-        example, mask_findings = inspect_loss_mask(example, raw, config)
+        example, mask_findings = inspect_loss_mask(example, facts, config, record)
         findings += mask_findings
     alpha_is_mask = config.loss_mask.source == "alpha" and example.load_mask is not None  # some of it is transparent, and that masks
-    findings += [Finding(CONVERTED, source, f"image {source}: {what}") for what in conversions(raw, alpha_is_mask)]
+    findings += [Finding(CONVERTED, source, f"image {source}: {what}") for what in (facts.conversions_as_mask if alpha_is_mask else facts.conversions)]
     usable = None if any(f.level == FATAL for f in findings) else example
-    return usable, findings, digest
+    return usable, findings, facts.digest
+
+
+def image_facts(raw, image, heard: list[str], with_alpha: bool) -> ImageFacts:
+    """What the check reads from an image, decoded (`raw`) and upright RGB (`image`), which its record keeps;
+    `with_alpha`: its transparency is read too (data.loss_mask.source alpha)."""
+    alpha = None
+    if with_alpha and has_alpha(raw) and (mask := alpha_mask(raw)).getextrema()[0] < 255:  # one opaque everywhere masks nothing
+        alpha = (mask_area(mask), mask_digest(mask))
+    plain = tuple(conversions(raw))
+    return ImageFacts(size=image.size, digest=pixel_digest(image), heard=tuple(heard), conversions=plain,
+                      conversions_as_mask=tuple(conversions(raw, alpha_is_mask=True)) if has_alpha(raw) else plain,
+                      turned=turned_on_its_side(raw), alpha_read=with_alpha, alpha=alpha)  # fmt: skip
 
 
 def too_small_problem(source: str, width: int, height: int, config: DataConfig) -> str | None:
@@ -183,63 +203,18 @@ def too_small_problem(source: str, width: int, height: int, config: DataConfig) 
     return f"image {source} is {width}x{height}, smaller than {min_size} px on its short side ({limit}): remove it, upscale it to {min_size} px or more, {lower}"
 
 
-def _loaded_alpha_mask(load):
-    """The transparency of the image `load` opens: an example's mask loader, which spawned data workers (macOS,
-    Windows) receive pickled, so a module-level function rather than a lambda."""
-    return alpha_mask(load())
-
-
-def inspect_loss_mask(example: Example, raw, config: DataConfig) -> tuple[Example, list[Finding]]:
-    """(the example with its mask loader and trained area, findings): the mask must be there, readable,
-    of the image's upright size, and train something."""
-    settings, source = config.loss_mask, example.source
-    if config.folders and not config.folders[example.folder_index].loss_mask:
-        return example, []  # its folder trains whole (data.folders loss_mask: false)
-    if settings.source == "alpha":
-        mask = alpha_mask(raw) if has_alpha(raw) else None
-        if mask is None or mask.getextrema()[0] == 255:  # no alpha channel, or one opaque everywhere: said for all at once (masks_out_of_view)
-            return example, []
-        named, load = f"the transparency of image {source}", functools.partial(_loaded_alpha_mask, example.load)
-    else:
-        path = mask_path(source, settings)
-        if not path.is_file():
-            message = (f"image {source} has no loss mask: expected {path} (or {path.stem} with another image suffix; greyscale, "
-                       "the image's size, white where it trains)")  # fmt: skip
-            return example, [Finding(FATAL, source, message)]
-        if (other := image_sharing_mask(source, settings)) is not None:
-            own = Path(settings.folder) / Path(source).name
-            message = (f"images {other} and {Path(source).name} share the loss mask {path}: name each image's mask by its full file name "
-                       f"({own} for {Path(source).name}), or remove one image (a copy?)")  # fmt: skip
-            return example, [Finding(FATAL, source, message)]
-        try:
-            stamp = file_stamp(str(path))  # before reading: an edit while it is read shows as a changed file
-            mask = read_mask_file(path)
-        except FinetuneError as err:
-            return example, [Finding(FATAL, source, str(err))]
-        named, load = f"loss mask {path}", functools.partial(read_mask_file, path)
-        example = replace(example, mask_file_stamp=(str(path), *stamp) if stamp else None)
-    (mask_width, mask_height), (width, height) = mask.size, example.size
-    if abs(mask_width * height / (mask_height * width) - 1.0) > 0.01:  # another scale is fine: it is resized with its image
-        rotated = turned_on_its_side(raw) and (mask_width, mask_height) == (height, width)
-        hint = "save the mask upright: the image is turned by its EXIF orientation" if rotated else "a mask must have its image's shape (its size, or another scale of it)"
-        message = f"{named} is {mask_width}x{mask_height} but image {source} is {width}x{height} upright: {hint}"
-        return example, [Finding(FATAL, source, message)]
-    area = mask_area(mask)
-    if area == 0.0 and settings.unmasked_weight == 0.0:
-        message = f"{named} is black everywhere, so image {source} would train nothing: whiten what should train, or remove the image"
-        return example, [Finding(FATAL, source, message)]
-    return replace(example, load_mask=load, mask_area=area, mask_digest=mask_digest(mask)), []
-
-
 # ---------------------------------------------------------------------------------------------------
 # A dataset
 
 
-def inspect_examples(examples: list[Example], config: DataConfig, label: str) -> DataReport:
-    """Check every example; never raises for a bad image (see `check_examples`)."""
+def inspect_examples(examples: list[Example], config: DataConfig, label: str, record: CheckRecord | None = None) -> DataReport:
+    """Check every example; never raises for a bad image (see `check_examples`). `record`: see `inspect`."""
     report = DataReport(label=label, config=config, found=len(examples))
     by_hash: dict[str, list[str]] = {}
-    for example, (usable, findings, digest) in zip(examples, each_on_threads(lambda e: inspect(e, config), examples, f"checking {label}")):
+    taken_before = record.taken if record is not None else 0
+    checked = each_on_threads(lambda e: inspect(e, config, record), examples, f"checking {label}")
+    report.unchanged = record.taken - taken_before if record is not None else 0
+    for example, (usable, findings, digest) in zip(examples, checked):
         report.findings += findings
         if usable is not None:
             report.usable.append(usable)
@@ -338,9 +313,9 @@ def skip_fatal(report: DataReport) -> None:
     report.findings = [finding for finding in report.findings if not any(finding is other for other in skipped)]
 
 
-def check_examples(examples: list[Example], config: DataConfig, label: str = "data") -> DataReport:
+def check_examples(examples: list[Example], config: DataConfig, label: str = "data", record: CheckRecord | None = None) -> DataReport:
     """Inspect, then stop on the first fatal problem with a one-line error (unless bad images are skipped)."""
-    return stop_unless_trainable(inspect_examples(examples, config, label))
+    return stop_unless_trainable(inspect_examples(examples, config, label, record))
 
 
 def stop_unless_trainable(report: DataReport) -> DataReport:
@@ -361,11 +336,12 @@ def data_label(config: DataConfig) -> str:
     return f"data folder {config.image_dir}" if config.image_dir else f"dataset {config.dataset}"
 
 
-def checked_report(config: DataConfig) -> DataReport:
+def checked_report(config: DataConfig, record: CheckRecord | None = None) -> DataReport:
     """The data's report, as training prints it at its start, after a one-line stop on the first fatal problem (made once
-    in a `finetune train`: its command checks before torch loads, train() takes that, finetune/data_check/checked_once.py)."""
+    in a `finetune train`: its command checks before torch loads, train() takes that, finetune/data_check/checked_once.py).
+    `record`: the command's record of the files checked before (`inspect`); the report is the same with or without it."""
     key = f"{config.model_dump_json()} {config._image_dir_key} {config._caption_alternative} {config._repeats} {config._class_dirs}"  # and what names it
-    return kept_check(key, lambda: check_examples(read_examples(config), config, data_label(config)))
+    return kept_check(key, lambda: check_examples(read_examples(config), config, data_label(config), record))
 
 
 def checked_examples(config: DataConfig) -> tuple[list[Example], DataReport]:

@@ -17,6 +17,7 @@ from finetune.data.buckets import too_few_to_batch
 from finetune.data.epoch_uses import expand_together
 from finetune.data.sources import read_examples
 from finetune.data_check.check import FATAL, SKIP_HINT, WARNING, DataReport, data_label, inspect_examples
+from finetune.data_check.check_record import recipe_record
 from finetune.data_check.train_inputs import data_configs
 from finetune.errors import FinetuneError
 from finetune.models.native_resolution import far_from_native_line
@@ -76,13 +77,16 @@ def run_check_data_command(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides) if args.recipe else None
     reports = []
     configs = configs_from_args(args, recipe)
+    record = recipe_record(recipe, make_folder=False) if recipe is not None else None  # read where it is; written where its folder is
     for config in configs:
         if recipe is not None and recipe.method == "controlnet":
             from finetune.controlnet.pairs import inspect_pairs  # it builds on this module
 
             reports.append(inspect_pairs(recipe.model_copy(update={"data": config}))[1])
         else:
-            reports.append(inspect_examples(read_examples(config), config, data_label(config)))
+            reports.append(inspect_examples(read_examples(config), config, data_label(config), record))
+    if record is not None:
+        record.save()
     items = [example for examples in expand_together([report.usable for report in reports]) for example in examples]  # as the trainer counts
     sources = [example.source for example in items]
     # The same images a new run holds out (the split depends on the seed and the images' pixels only), or a resume of output_dir's run.

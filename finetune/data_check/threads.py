@@ -1,7 +1,8 @@
 """Run the data check's per-image work on several threads, with a progress bar for long checks.
 
 The check decodes every image in full and hashes its pixels (a 12 MP JPEG takes ~0.25 s of one core),
-and training runs it again at every start, resume included. Pillow and hashlib release the GIL while
+and training runs it again at every start, resume included (taking unchanged files from the check's record:
+finetune/data_check/check_record.py). Pillow and hashlib release the GIL while
 they decode, convert and hash, so threads check several images at once without pickling anything (nor
 starting processes that import it all again). Results keep the images' order, so reports and duplicate findings are
 the same on any number of threads.

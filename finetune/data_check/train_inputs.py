@@ -80,7 +80,8 @@ def check_data_first(recipe: Recipe, resume_from: Path | None = None) -> None:
     `finetune train` before torch and the model stack load, some 20 s; within `checks_kept` train() takes its result. A
     DreamBooth run's class images a user brought are checked too (those it generates are checked once made). Then whether
     the images left to train (`resume_from`'s held-out ones kept out) fill one batch, as train() refuses it once torch,
-    accelerate and diffusers have loaded."""
+    accelerate and diffusers have loaded. The images' results are kept in the check's record, for the next check to take
+    those of unchanged files (finetune/data_check/check_record.py)."""
     if recipe.method == "controlnet":
         from finetune.controlnet.conditioning_records import data_folder_record
         from finetune.controlnet.pairs import checked_pairs
@@ -92,8 +93,11 @@ def check_data_first(recipe: Recipe, resume_from: Path | None = None) -> None:
     if recipe.method == "vae":
         perceptual_network_file(recipe)  # as VAEMethod.check_data says it: before the images are read
     from finetune.data_check.check import checked_report
+    from finetune.data_check.check_record import recipe_record
 
-    reports = [checked_report(config) for config in data_configs(recipe)]
+    record = recipe_record(recipe, make_folder=True)  # the images unchanged since the last check are not decoded again
+    reports = [checked_report(config, record) for config in data_configs(recipe)]
+    record.save()  # once it passed: a run that fails its check leaves no record in a new output_dir (the lock removes that)
     if recipe.method == "dreambooth" and recipe.dreambooth.prior_preservation:
         for index in range(len(recipe.dreambooth.concepts)):
             folder = class_folder(recipe, index)
