@@ -5,6 +5,7 @@ trusted, is checked afresh."""
 import json
 import os
 import re
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -147,3 +148,19 @@ def test_a_resume_decodes_no_image_again_and_check_data_writes_no_output_dir(tin
     assert resumed.keys() == straight.keys()
     for name, tensor in straight.items():
         assert torch.equal(resumed[name], tensor) if RESUME_IS_EXACT else torch.allclose(resumed[name], tensor, rtol=1e-3, atol=1e-6), name
+
+
+def test_a_record_made_under_other_warning_filters_is_not_taken(tmp_path, decoded):
+    """`python -W ignore` hears none of Pillow's warnings, and `-W error` refuses the image: the warnings a record kept
+    under other filters are not the ones this check would say."""
+    folder = tmp_path / "data"
+    captioned(folder, "a.png", noise(64, 64))
+    config = DataConfig(image_dir=str(folder), resolution=64)
+    record = CheckRecord(tmp_path / RECORD_NAME)
+    inspect_examples(read_examples(config), config, "data", record)
+    record.save()
+    decoded.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert inspect_examples(read_examples(config), config, "data", CheckRecord(tmp_path / RECORD_NAME)).unchanged == 0
+    assert set(decoded) == {str(folder / "a.png")}

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import PIL
+from PIL import Image
 
 from finetune.distributed.process_env import main_process
 
@@ -97,7 +98,7 @@ class CheckRecord:
         from finetune.outputs.atomic_files import atomic_write_text
 
         kept = {path: entry for path, entry in self._old.items() if path not in self._new and os.path.exists(path)}
-        record = {"finetune_data_check": CHECK_VERSION, "pillow": PIL.__version__, "files": {**kept, **self._new}}
+        record = {"finetune_data_check": CHECK_VERSION, "pillow": PIL.__version__, "warnings": pillow_warning_actions(), "files": {**kept, **self._new}}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.path, json.dumps(record, separators=(",", ":")))
@@ -125,8 +126,20 @@ def _read_entries(path: Path) -> dict:
         return {}
     if not isinstance(record, dict) or record.get("finetune_data_check") != CHECK_VERSION or record.get("pillow") != PIL.__version__:
         return {}
+    if record.get("warnings") != pillow_warning_actions():  # kept under other warning filters: other warnings, or other images refused
+        return {}
     files = record.get("files")
     return files if isinstance(files, dict) else {}
+
+
+def pillow_warning_actions() -> list[str]:
+    """What the warning filters do with Pillow's warnings, as the check hears them (finetune/data/image_warnings.py): raised
+    (`python -W error`: the image is refused), ignored (`-W ignore`: nothing said), or said. A record made under other
+    filters kept other warnings than this check would hear, so it is not taken (a filter on one message is not seen)."""
+    from finetune.data.image_warnings import PILLOW_FOLDER, _others_action
+
+    actions = [_others_action("", category, PILLOW_FOLDER + "Image.py", 0) for category in (UserWarning, Image.DecompressionBombWarning)]
+    return [action if action in ("error", "ignore") else "said" for action in actions]
 
 
 def recipe_record(recipe, make_folder: bool) -> CheckRecord:
