@@ -164,3 +164,16 @@ def test_a_record_made_under_other_warning_filters_is_not_taken(tmp_path, decode
         warnings.simplefilter("ignore")
         assert inspect_examples(read_examples(config), config, "data", CheckRecord(tmp_path / RECORD_NAME)).unchanged == 0
     assert set(decoded) == {str(folder / "a.png")}
+
+
+def test_only_the_main_process_writes_the_record(tmp_path, monkeypatch):
+    """Every process of a launch checks the same files; one writes what they read, and the others do not race it."""
+    folder = tmp_path / "data"
+    captioned(folder, "a.png", noise(64, 64))
+    config = DataConfig(image_dir=str(folder), resolution=64)
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        record = CheckRecord(tmp_path / RECORD_NAME)
+        inspect_examples(read_examples(config), config, "data", record)
+        record.save()
+        assert (tmp_path / RECORD_NAME).is_file() == (rank == "0")
