@@ -6,13 +6,15 @@ What the check reads from an image file depends on the file's bytes and this cod
 its pixels' digest that keys the latent cache, Pillow's warnings, its conversions; a mask file's `MaskFacts`); what
 depends on the recipe (its captions, too small for data.resolution, buckets, crops, copies) is worked out again from
 them at every check. Each file's entry holds its stamp (size, mtime, ctime, inode: `finetune.data.images.file_stamp`):
-one whose stamp is not the file's now is checked afresh, as is every file where the record is of another CHECK_VERSION
-or Pillow (whose decoders make the pixels), unreadable, or not one at all. A file the check refuses is not kept: it is
+one whose stamp is not the file's now is checked afresh, as is every file where the record is of another CHECK_VERSION,
+other code in finetune's data/ and data_check/, or another Pillow (whose decoders make the pixels), unreadable, or not one
+at all. A file the check refuses is not kept: it is
 read again at the next check, as the user fixes it. Deleting the record is safe: the next check decodes every file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -28,6 +30,18 @@ RECORD_NAME = ".data_check.json"
 # Bump whenever the check changes what it reads from a file: the digests, a conversion's or a Pillow warning's words, the
 # facts kept. A record of another version is ignored (every file decoded again), never read as this version's.
 CHECK_VERSION = 1
+# The code that reads the facts: a record made by other code there (another finetune, an edit) is not taken either, so a
+# change that forgot CHECK_VERSION re-decodes once rather than serving another code's lines or digests.
+FACTS_CODE = ("data", "data_check")
+
+
+def facts_code_digest() -> str:
+    """A digest of the source of finetune's data/ and data_check/ modules, which read what the record keeps."""
+    digest = hashlib.blake2b(digest_size=16)
+    package = Path(__file__).resolve().parents[1]
+    for path in sorted(path for folder in FACTS_CODE for path in (package / folder).glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -98,7 +112,7 @@ class CheckRecord:
         from finetune.outputs.atomic_files import atomic_write_text
 
         kept = {path: entry for path, entry in self._old.items() if path not in self._new and os.path.exists(path)}
-        record = {"finetune_data_check": CHECK_VERSION, "pillow": PIL.__version__, "warnings": pillow_warning_actions(), "files": {**kept, **self._new}}
+        record = {"finetune_data_check": CHECK_VERSION, "code": facts_code_digest(), "pillow": PIL.__version__, "warnings": pillow_warning_actions(), "files": {**kept, **self._new}}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.path, json.dumps(record, separators=(",", ":")))
@@ -125,6 +139,8 @@ def _read_entries(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     if not isinstance(record, dict) or record.get("finetune_data_check") != CHECK_VERSION or record.get("pillow") != PIL.__version__:
+        return {}
+    if record.get("code") != facts_code_digest():  # made by other code than this: its lines and digests may differ
         return {}
     if record.get("warnings") != pillow_warning_actions():  # kept under other warning filters: other warnings, or other images refused
         return {}
