@@ -183,3 +183,39 @@ def test_sample_refuses_fp16_on_the_cpu_asked_for_before_torch_loads():
         inference_placement("cpu", "fp16")
     assert errors == [f"error: {placed.value}\n"]
     assert not modules & {"torch", "diffusers", "transformers"}, modules
+
+
+def test_train_says_it_is_loading_before_torch_and_diffusers_import(tmp_path):
+    """After the data check's bar nothing was said for 10-20 s (2 CPU cores) while torch, diffusers and the base model
+    loaded: the line that says so comes before any of them is imported. The run is stopped at that line (its write raises)."""
+    stack = ("torch", "diffusers", "accelerate", "peft", "deepspeed")
+    script = f"""
+import json, sys
+from finetune.cli.main import main
+
+class Loading(Exception):
+    pass
+
+class Stdout:
+    def __init__(self, stream):
+        self.stream, self.said = stream, []
+    def write(self, text):
+        if text.startswith("loading "):
+            self.said.append([text, [name for name in {stack!r} if name in sys.modules]])
+            raise Loading
+        return len(text)
+    def flush(self):
+        pass
+
+out = sys.stdout = Stdout(sys.stdout)
+try:
+    main(["train", "recipes/quickstart.yaml", "output_dir={tmp_path / 'run'}", "train.max_steps=1", "optimizer.warmup_steps=0",
+          "validation.at_start=false", "validation.prompts=[]"])
+except Loading:
+    pass
+out.stream.write(json.dumps(out.said))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    said = json.loads(result.stdout.splitlines()[-1])
+    assert said == [["loading torch, diffusers and the base model finetune/assets/toyworld-base (UNet, VAE, text encoder)...", []]], said
