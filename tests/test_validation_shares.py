@@ -2,6 +2,7 @@
 is drawn by exactly one process, in the batch one process would draw it in, and the main process puts each in its place.
 tests/test_distributed.py draws a grid with two processes and compares it with one process's, pixel for pixel."""
 
+import contextlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -97,3 +98,40 @@ def test_sampling_outside_a_share_draws_every_image():
     rows, _ = draw(RecordingPipeline([p.prompt for p in PROMPTS]), None)
     assert [len(row) for row in rows] == [11] * len(PROMPTS)  # rows left empty would pass a check of each image alone
     assert all(image.getpixel((0, 0))[:2] == (r, (PROMPTS[r].seed + c) % 256) for r, row in enumerate(rows) for c, image in enumerate(row))
+
+
+class SteppingPipeline(RecordingPipeline):
+    """RecordingPipeline, ending each denoising step as diffusers does (its callback), for a bar to count."""
+
+    def __call__(self, num_inference_steps, callback_on_step_end=None, **kwargs):
+        for step in range(num_inference_steps):
+            if callback_on_step_end is not None:
+                callback_on_step_end(self, step, step, {})
+        return super().__call__(**kwargs)
+
+
+@pytest.mark.parametrize("share", [None, (0, 3), (2, 3)])
+def test_the_grid_has_one_bar_of_the_steps_this_process_draws_and_only_where_shown(share, monkeypatch):
+    """The validation grid drew for 6-30 s with no bar (finetune.training.validation opens `grid_progress`). A shared grid's
+    bar counts this process's share (its total known as its batches are dealt); a process not shown (not the main) draws none."""
+    bars = []
+    opened = sampling.denoising_bar
+
+    @contextlib.contextmanager
+    def kept(pipeline, what, total):
+        with opened(pipeline, what, total) as bar:
+            bars.append(bar)
+            yield bar
+
+    monkeypatch.setattr(sampling, "denoising_bar", kept)
+    pipeline = SteppingPipeline([p.prompt for p in PROMPTS])
+    with sampling.grid_progress("validation grid (step 5)", shown=True):
+        draw(pipeline, share)
+    steps = {p.prompt: p.num_inference_steps for p in PROMPTS}
+    drawn_steps = sum(steps[pipeline.prompts[p]] for batch in pipeline.batches for p, _ in batch)
+    assert [(bar.desc, bar.total, bar.n) for bar in bars] == [("validation grid (step 5)", drawn_steps, drawn_steps)]
+    if share is None:
+        assert drawn_steps == sampling.denoising_steps(PROMPTS, 11)
+    with sampling.grid_progress("validation grid (step 5)", shown=False):
+        draw(SteppingPipeline(pipeline.prompts), share)
+    assert len(bars) == 1  # none more

@@ -33,7 +33,7 @@ from finetune.outputs.atomic_files import atomic_save_safetensors
 from finetune.sampling.adapter_records import saved_model_metadata
 from finetune.sampling.adapters_as_trained import adapters_clip_skip, adapters_max_token_length, follow_adapters_schedule
 from finetune.sampling.grids import make_grid
-from finetune.sampling.pipelines import build_pipeline, denoising_bar, generate_with_settings, read_prompts_as_trained
+from finetune.sampling.pipelines import build_pipeline, denoising_bar, denoising_steps, generate_with_settings, read_prompts_as_trained
 from finetune.sampling.placement import inference_placement, out_of_device_memory, place, placement_line
 from finetune.sampling.prompt_options import PromptSettings, guidance_notes, prompts_settings, webui_syntax_notes
 from finetune.sampling.sample_files import PARAMETERS, parameters_text, webui_controlnet, webui_lora, webui_weight_note, write_numbered
@@ -274,7 +274,7 @@ def _checked_on_the_model(request: SampleRequest, pipeline, settings: list[Promp
 def _drawn(pipeline, settings: list[PromptSettings], num_images: int, resolution: int, control: dict) -> list[list[Image.Image]]:
     """Each prompt's row of images, under one bar of the denoising steps; running out of memory is one line."""
     try:  # a bar of the denoising steps: minutes for SD1.5 images on a CPU, which nothing between this line and the last said
-        with denoising_bar(pipeline, "sampling", sum(num_images * prompt.num_inference_steps for prompt in settings)):
+        with denoising_bar(pipeline, "sampling", denoising_steps(settings, num_images)):
             return generate_with_settings(pipeline, settings, num_images, resolution, **control)
     except RuntimeError as err:  # torch.OutOfMemoryError on CUDA; plain RuntimeErrors on MPS and from the CPU's allocator
         if not (out_of_device_memory(err) or "can't allocate memory" in str(err)):

@@ -49,8 +49,8 @@ def denoising_bar(pipeline, what: str, total: int):
     """The denoising steps of every image `generate` makes with `pipeline` meanwhile, `total` of them (steps x images),
     as one bar named `what` (on stderr), cleared when done, so the lines around it stay as the README quotes them: an
     SD1.5 image takes minutes on a CPU, which nothing else says (`finetune sample`, `finetune eval`; training's grids
-    show none). One bar for all the pipeline calls: in a log file it ends on one line of its last state, which says it
-    finished, where diffusers' bar of each call (a few images) had left a line per call."""
+    through `grid_progress`). One bar for all the pipeline calls: in a log file it ends on one line of its last state, which
+    says it finished, where diffusers' bar of each call (a few images) had left a line per call."""
     from tqdm.auto import tqdm
 
     with tqdm(total=total, desc=what, unit="step", leave=in_a_log()) as bar:
@@ -59,6 +59,38 @@ def denoising_bar(pipeline, what: str, total: int):
             yield bar
         finally:
             del pipeline.finetune_denoising_bar
+
+
+_grid_bar: str | None = None  # the name of a run's grid's bar, while the main process draws it (`grid_progress`)
+
+
+@contextlib.contextmanager
+def grid_progress(what: str, shown: bool):
+    """While a run draws a validation grid: `generate_with_settings` shows its denoising steps as a `denoising_bar` named
+    `what`, where `shown` (the main process alone: under several processes one bar, not one each). The grid at step 0
+    and the final samples had drawn for 6-30 s (2 CPU cores, the quickstart's) without a word. While the grid is shared
+    out (`shared_between`) the bar counts this process's share of it."""
+    global _grid_bar
+    _grid_bar = what if shown else None
+    try:
+        yield
+    finally:
+        _grid_bar = None
+
+
+@contextlib.contextmanager
+def _grid_bar_drawn(pipeline, total: int):
+    """`grid_progress`'s bar over `total` steps (`generate` adds a shared grid's share to it, as its batches are dealt)."""
+    if _grid_bar is None:
+        yield
+        return
+    with denoising_bar(pipeline, _grid_bar, 0 if _share is not None else total):
+        yield
+
+
+def denoising_steps(settings: list[PromptSettings], images_per_prompt: int) -> int:
+    """The denoising steps of `images_per_prompt` images of each prompt: a bar's total."""
+    return sum(images_per_prompt * prompt.num_inference_steps for prompt in settings)
 
 
 def _counted_on(bar, images: int, then=None):
@@ -228,9 +260,12 @@ def generate(
         return decoded_pixels(pipeline, decoded)
 
     images = {}
-    for jobs in by_chunks.values():
-        for dealt in _dealt_here(jobs, resolution * resolution):
-            images.update(_in_batches_that_fit(make, dealt, resolution * resolution))
+    dealt = [batch for jobs in by_chunks.values() for batch in _dealt_here(jobs, resolution * resolution)]
+    if bar is not None and _share is not None:  # a shared grid's bar (`grid_progress`): this process's share, known now
+        bar.total += num_inference_steps * sum(len(batch) for batch in dealt)
+        bar.refresh()
+    for batch in dealt:
+        images.update(_in_batches_that_fit(make, batch, resolution * resolution))
     if _share is not None:
         _share.drawn.update(id(image) for image in images.values())
     return [[images.get((p, k)) for k in range(images_per_prompt)] for p in range(len(prompts))]  # None: another process draws it
@@ -272,15 +307,16 @@ def generate_with_settings(
         groups.setdefault((prompt.num_inference_steps, prompt.guidance_scale, None if prompt.sampler == own else prompt.sampler), []).append(i)
     # Every sampler made before the first image: one that cannot draw on this schedule is refused before any drawing.
     schedulers = {name: sampler_scheduler(name, pipeline.scheduler.config) for _, _, name in groups if name is not None}
-    for (steps, guidance, sampler), members in groups.items():
-        with _drawing_with(pipeline, schedulers.get(sampler)):
-            made = generate(
-                pipeline, [settings[i].prompt for i in members], images_per_prompt, [settings[i].seed for i in members], steps, guidance,
-                resolution, [settings[i].negative_prompt for i in members], None if conditions is None else [conditions[i] for i in members],
-                **call_kwargs,
-            )  # fmt: skip
-        for i, row in zip(members, made):
-            rows[i] = row
+    with _grid_bar_drawn(pipeline, denoising_steps(settings, images_per_prompt)):
+        for (steps, guidance, sampler), members in groups.items():
+            with _drawing_with(pipeline, schedulers.get(sampler)):
+                made = generate(
+                    pipeline, [settings[i].prompt for i in members], images_per_prompt, [settings[i].seed for i in members], steps, guidance,
+                    resolution, [settings[i].negative_prompt for i in members], None if conditions is None else [conditions[i] for i in members],
+                    **call_kwargs,
+                )  # fmt: skip
+            for i, row in zip(members, made):
+                rows[i] = row
     return rows
 
 

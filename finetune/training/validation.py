@@ -26,7 +26,7 @@ from finetune.models.start_weights import starting_weights
 from finetune.outputs.atomic_files import failed_write
 from finetune.outputs.full_disk import disk_full, room_text
 from finetune.sampling.grids import make_grid, save_image_atomic
-from finetune.sampling.pipelines import in_lockstep, shared_between
+from finetune.sampling.pipelines import grid_progress, in_lockstep, shared_between
 
 
 def run_validation(recipe, method, modules, accelerator: Accelerator, step: int) -> Path | None:
@@ -47,6 +47,7 @@ def run_validation(recipe, method, modules, accelerator: Accelerator, step: int)
         if lockstep:
             sampling.enter_context(in_lockstep())
         share = sampling.enter_context(shared_between(accelerator.process_index, accelerator.num_processes)) if shared else None
+        sampling.enter_context(grid_progress(f"validation grid (step {step})", accelerator.is_main_process))  # a bar, as `finetune sample` draws
         rows, labels = method.validation_images(unwrapped)
     for module in unwrapped.values():
         module.train()
