@@ -67,6 +67,19 @@ def test_every_kind_of_odd_image_is_reported(odd_folder):
     assert "odd: 13 images, 9 used, 0 skipped" in lines
 
 
+def test_an_alpha_channel_opaque_everywhere_is_no_transparency_to_say(tmp_path):
+    """A screenshot saved with an alpha channel of 255 everywhere: compositing it on white changes no pixel."""
+    captioned(tmp_path, "screenshot.png", noise(64, 64).convert("RGBA"))
+    captioned(tmp_path, "grey.png", noise(64, 64).convert("LA"))  # still grey to RGB, said as an opaque L is
+    one_clear = np.asarray(noise(64, 64).convert("RGBA")).copy()
+    one_clear[0, 0, 3] = 0
+    captioned(tmp_path, "cut.png", Image.fromarray(one_clear))  # one transparent pixel is composited on white
+    config = DataConfig(image_dir=str(tmp_path), resolution=64)
+    converted = {Path(f.source).name: f.message for f in inspect_examples(read_examples(config), config, "data").of_level(CONVERTED)}
+    assert converted == {"grey.png": f"image {tmp_path / 'grey.png'}: mode LA: converted to RGB",
+                         "cut.png": f"image {tmp_path / 'cut.png'}: transparency (RGBA): composited on white"}
+
+
 def test_an_image_under_a_min_image_size_set_by_hand_is_not_told_to_lower_the_resolution(tmp_path):
     """data.min_image_size set: a lower data.resolution leaves the limit where it is, so it is not offered."""
     captioned(tmp_path, "tiny.png", noise(20, 20))

@@ -369,9 +369,9 @@ def test_review_cases_exact_names_first_8_bit_values_in_16_bits_opaque_alpha_and
     capsys.readouterr()
     assert main(["check-data", str(recipe)]) == 1
     assert capsys.readouterr().out.splitlines()[-1] == "result: training would stop: 1 fatal problem; fix it"
-    # Its alpha channel masks nothing, so check-data calls it a plain conversion, not a loss mask.
+    # Its alpha channel masks nothing, so check-data calls it no loss mask; nor a conversion (compositing changes no pixel).
     converted = [f.message for f in inspect_examples(read_examples(alpha), alpha, "data").findings if f.level == CONVERTED]
-    assert converted == [f"image {opaque / '0.png'}: transparency (RGBA): composited on white"]
+    assert converted == []
 
     ramp = np.linspace(0, 63000, 64 * 64).astype(np.uint16).reshape(64, 64)
     Image.fromarray(ramp).save(tmp_path / "keyed16.png", transparency=0)  # 16 bits with a transparent value

@@ -28,13 +28,19 @@ def conversions(image, alpha_is_mask: bool = False) -> list[str]:
         done.append("CMYK: converted to RGB")
     elif is_16_bit(image):
         done.append(f"16-bit ({image.mode}): " + ("its values are 8-bit ones (none above 255), read as such" if holds_8_bit_values(image) else "scaled to 8-bit RGB"))
-    elif has_alpha(image):
+    elif has_alpha(image) and not opaque(image):
         done.append(f"transparency ({image.mode}): " + ("its loss mask; the pixels composited on white" if alpha_is_mask else "composited on white"))
-    elif image.mode == "P":
+    elif image.mode in ("P", "PA"):
         done.append("palette image: converted to RGB")
-    elif image.mode != "RGB":
+    elif image.mode not in ("RGB", "RGBA"):  # RGBA here is opaque everywhere: compositing changes no pixel, nothing to say
         done.append(f"mode {image.mode}: converted to RGB")
     return done + [note] if (note := profile_note(image)) else done
+
+
+def opaque(image) -> bool:
+    """Whether an image with alpha (`has_alpha`) is opaque everywhere, as a screenshot saved with an alpha channel is."""
+    alpha = image.getchannel("A") if image.mode in ("RGBA", "LA", "PA") else image.convert("RGBA").getchannel("A")
+    return alpha.getextrema()[0] == 255
 
 
 def is_turn(source: str, message: str) -> bool:
