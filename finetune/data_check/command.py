@@ -85,8 +85,6 @@ def run_check_data_command(args) -> int:
             reports.append(inspect_pairs(recipe.model_copy(update={"data": config}))[1])
         else:
             reports.append(inspect_examples(read_examples(config), config, data_label(config), record))
-    if record is not None:
-        record.save()
     items = [example for examples in expand_together([report.usable for report in reports]) for example in examples]  # as the trainer counts
     sources = [example.source for example in items]
     # The same images a new run holds out (the split depends on the seed and the images' pixels only), or a resume of output_dir's run.
@@ -97,8 +95,10 @@ def run_check_data_command(args) -> int:
     if recipe is not None and recipe.method == "dreambooth":
         from finetune.dreambooth.class_image_plans import inspect_class_images  # a DreamBooth recipe's alone
 
-        class_reports, class_image_lines = inspect_class_images(recipe)
+        class_reports, class_image_lines = inspect_class_images(recipe, record)
         reports += class_reports
+    if record is not None:
+        record.save()
     said_once(reports)
     if recipe is not None and (problem := base_model_problem(recipe)):
         print(f"fatal: {problem}")

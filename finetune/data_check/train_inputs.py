@@ -80,8 +80,8 @@ def check_data_first(recipe: Recipe, resume_from: Path | None = None) -> None:
     `finetune train` before torch and the model stack load, some 20 s; within `checks_kept` train() takes its result. A
     DreamBooth run's class images a user brought are checked too (those it generates are checked once made). Then whether
     the images left to train (`resume_from`'s held-out ones kept out) fill one batch, as train() refuses it once torch,
-    accelerate and diffusers have loaded. The images' results are kept in the check's record, for the next check to take
-    those of unchanged files (finetune/data_check/check_record.py)."""
+    accelerate and diffusers have loaded. The images' results (a DreamBooth run's class images' too) are kept in the check's
+    record, for the next check to take those of unchanged files (finetune/data_check/check_record.py)."""
     if recipe.method == "controlnet":
         from finetune.controlnet.conditioning_records import data_folder_record
         from finetune.controlnet.pairs import checked_pairs
@@ -97,11 +97,11 @@ def check_data_first(recipe: Recipe, resume_from: Path | None = None) -> None:
 
     record = recipe_record(recipe, make_folder=True)  # the images unchanged since the last check are not decoded again
     reports = [checked_report(config, record) for config in data_configs(recipe)]
-    record.save()  # once it passed: a run that fails its check leaves no record in a new output_dir (the lock removes that)
     if recipe.method == "dreambooth" and recipe.dreambooth.prior_preservation:
         for index in range(len(recipe.dreambooth.concepts)):
             folder = class_folder(recipe, index)
-            checked_own_class_images(recipe, index, folder, own_class_images(folder, recipe.dreambooth.num_class_images))
+            checked_own_class_images(recipe, index, folder, own_class_images(folder, recipe.dreambooth.num_class_images), record)
+    record.save()  # once it passed: a run that fails its check leaves no record in a new output_dir (the lock removes that)
     items = [example for examples in expand_together([report.usable for report in reports]) for example in examples]  # as the methods list them
     check_batches_filled(recipe, items, reports, resume_from)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from PIL import Image
 
 from finetune.data_check.check import DataReport, check_examples, inspect_examples
+from finetune.data_check.check_record import CheckRecord
 from finetune.data_check.checked_once import kept_check
 from finetune.dreambooth.class_image_names import (
     class_image_caption, generation_record, is_generated_name, read_generation_records, record_key, unused_class_prompts_warning,
@@ -51,22 +52,23 @@ def class_folder(recipe: Recipe, index: int) -> Path:
     return Path(concept.class_dir) if concept.class_dir else Path(recipe.output_dir) / "class_images" / f"concept-{index}"
 
 
-def check_class_images(recipe: Recipe, concept: Concept, folder: Path, paths: list[Path]) -> DataReport | None:
+def check_class_images(recipe: Recipe, concept: Concept, folder: Path, paths: list[Path], record: CheckRecord | None = None) -> DataReport | None:
     """Class images `paths` (in `folder`) checked as training checks them: they may have any size (resized and cropped like
     instance images); only unreadable or too small ones stop the run in one line (or are skipped with data.skip_bad_images).
-    None without any."""
+    None without any. `record`: the check's record, whose facts of unchanged files are taken instead of decoding them
+    (finetune/data_check/check_record.py); the report is the same with or without it."""
     if not paths:
         return None
-    return check_examples(class_examples(paths, concept), class_data_config(recipe), f"class images {folder}")
+    return check_examples(class_examples(paths, concept), class_data_config(recipe), f"class images {folder}", record)
 
 
-def checked_own_class_images(recipe: Recipe, index: int, folder: Path, paths: list[Path]) -> DataReport | None:
+def checked_own_class_images(recipe: Recipe, index: int, folder: Path, paths: list[Path], record: CheckRecord | None = None) -> DataReport | None:
     """`check_class_images` of the images a user brought for concept `index`, once per `finetune train`
     (finetune/data_check/checked_once.py): its command checks them before torch loads (a corrupt one said in seconds), and the
     DreamBooth method takes that report."""
     concept = recipe.dreambooth.concepts[index]
     key = f"class images {folder} {class_data_config(recipe).model_dump_json()} {json.dumps([str(p) for p in paths])} {json.dumps(concept.class_prompts)}"
-    return kept_check(key, lambda: check_class_images(recipe, concept, folder, paths))
+    return kept_check(key, lambda: check_class_images(recipe, concept, folder, paths, record))
 
 
 def changed_settings(made: dict, now: dict) -> str:
@@ -221,17 +223,18 @@ def class_data_config(recipe: Recipe) -> DataConfig:
     return recipe.data.model_copy(update={"loss_mask": LossMaskConfig()})
 
 
-def inspect_class_images(recipe: Recipe) -> tuple[list[DataReport], list[str]]:
+def inspect_class_images(recipe: Recipe, record: CheckRecord | None = None) -> tuple[list[DataReport], list[str]]:
     """`finetune check-data` of a DreamBooth recipe: the class images there now (a user's and those
     generated so far), checked as training checks them, with how many are still to generate; and a line
     for each class folder that holds none yet (without it, check-data said nothing of what training makes first),
-    and training's warnings of class prompts that make no class image and of images of a kind it does not read."""
+    and training's warnings of class prompts that make no class image and of images of a kind it does not read.
+    `record`: see `check_class_images`."""
     plans = class_image_plans(recipe)
     reports, lines = [], unread_class_images_lines([folder for folder, *_ in plans], recipe) + unused_class_images_lines(recipe, plans)
     for concept, (folder, _key, paths, missing) in zip(recipe.dreambooth.concepts, plans):
         present = [p for p in paths if p.is_file()]
         if present:
-            report = inspect_examples(class_examples(present, concept), class_data_config(recipe), f"class images {folder}")
+            report = inspect_examples(class_examples(present, concept), class_data_config(recipe), f"class images {folder}", record)
             report.label += f" ({len(missing)} more to generate)" if missing else ""
             reports.append(report)
         elif missing:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from finetune.data_check.check import DataReport, checked_report
+from finetune.data_check.check_record import recipe_record
 from finetune.data_check.command import said_once
 from finetune.dreambooth.class_image_names import is_generated_name
 from finetune.dreambooth.class_image_plans import (
@@ -93,7 +94,12 @@ class DreamBoothMethod(DiffusionMethod):
         return {**super().recorded_data(), "class images": [[example.digest or example.source, example.caption] for example in class_images]}
 
     def _check_class_images(self, paths: list[Path], concept: Concept, folder: Path) -> DataReport | None:
-        return check_class_images(self.recipe, concept, folder, paths)
+        """The generated class images' check, once they are made: those an earlier run made and checked are taken from the
+        check's record while unchanged (a resume decodes none of its 100-300 a concept again), and the new ones kept in it."""
+        record = recipe_record(self.recipe, make_folder=True)
+        report = check_class_images(self.recipe, concept, folder, paths, record)
+        record.save()
+        return report
 
     def _class_images(self, concept: Concept, plan: ClassImagePlan, accelerator) -> list[Example]:
         """The concept's class images to train on: the user's own (checked in `check_data`), and those its plan is
