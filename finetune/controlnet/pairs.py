@@ -29,6 +29,7 @@ from finetune.data.images import decode, file_stamp, float_levels_problem, has_a
 from finetune.data.sources import IMAGE_SUFFIXES, Example, read_examples
 from finetune.data.views import plan_view, render
 from finetune.data_check.check import FATAL, WARNING, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable, too_small_problem
+from finetune.data_check.check_record import CheckRecord, ConditioningFacts
 from finetune.data_check.checked_once import kept_check
 from finetune.data_check.threads import each_on_threads
 from finetune.errors import FinetuneError
@@ -42,34 +43,36 @@ class Pair:
     conditioning: Example
 
 
-def checked_pairs(recipe: Recipe) -> tuple[list[Pair], DataReport]:
+def checked_pairs(recipe: Recipe, record: CheckRecord | None = None) -> tuple[list[Pair], DataReport]:
     """The (image, conditioning, caption) triples that train, and the report training prints.
 
     A bad pair stops the run with a one-line error naming it, or with data.skip_bad_images is left out
-    and listed.
+    and listed. `record`: see `inspect_pairs`.
     """
     # Once in a `finetune train` (finetune/data_check/checked_once.py); by what it reads, not controlnet.pretrained, which a
     # resume's method has not.
     key = f"pairs {recipe.data.model_dump_json()} {recipe.controlnet.model_dump_json(exclude={'pretrained'})}"
-    return kept_check(key, lambda: _checked_pairs(recipe))
+    return kept_check(key, lambda: _checked_pairs(recipe, record))
 
 
-def _checked_pairs(recipe: Recipe) -> tuple[list[Pair], DataReport]:
-    pairs, report = inspect_pairs(recipe)
+def _checked_pairs(recipe: Recipe, record: CheckRecord | None) -> tuple[list[Pair], DataReport]:
+    pairs, report = inspect_pairs(recipe, record)
     stop_unless_trainable(report)
     check_epoch_uses([pair.image.repeats for pair in pairs])
     return [pair for pair in pairs for _ in range(pair.image.repeats)], report  # data.folders repeats
 
 
-def inspect_pairs(recipe: Recipe) -> tuple[list[Pair], DataReport]:
+def inspect_pairs(recipe: Recipe, record: CheckRecord | None = None) -> tuple[list[Pair], DataReport]:
     """Check every pair without stopping (what `finetune check-data` prints for a ControlNet recipe).
 
     Images get the standard check (`finetune.data_check.check`: readable, large enough, captioned,
     duplicates, conversions); each pair also needs a readable conditioning image of its image's size.
+    `record`: what an earlier check read from the files, taken for those unchanged since instead of decoding them
+    (finetune/data_check/check_record.py); the report and pairs are the same with or without it.
     """
     config = recipe.data
     pairs, unpaired = read_pairs(recipe)
-    report = inspect_examples([pair.image for pair in pairs], config.model_copy(update={"skip_bad_images": False}), data_label(config))
+    report = inspect_examples([pair.image for pair in pairs], config.model_copy(update={"skip_bad_images": False}), data_label(config), record)
     report.config, report.found = config, report.found + len(unpaired)
     report.findings = unpaired + report.findings
     # The checked images, in the pairs' order (a bad one left out): matched by position, not by file, as
@@ -81,13 +84,14 @@ def inspect_pairs(recipe: Recipe) -> tuple[list[Pair], DataReport]:
             continue
         matched.append(Pair(checked[next_checked], pair.conditioning))
         next_checked += 1
-    usable = []
-    for pair, problems in each_on_threads(functools.partial(check_conditioning, config=config), matched, "checking conditioning images"):
+    usable, taken_before = [], record.taken[ConditioningFacts] if record is not None else 0
+    for pair, problems in each_on_threads(functools.partial(check_conditioning, config=config, record=record), matched, "checking conditioning images"):
         report.findings += problems
         if any(problem.level == FATAL for problem in problems):  # a Pillow warning is said, and the pair trains
             report.usable.remove(pair.image)
         else:
             usable.append(pair)
+    report.unchanged_conditioning = record.taken[ConditioningFacts] - taken_before if record is not None else 0
     if config.skip_bad_images:
         skip_fatal(report)
     return usable, report
@@ -259,20 +263,26 @@ def _conditioning_files(folder: Path, column: str = "conditioning_file_name") ->
     return files
 
 
-def check_conditioning(pair: Pair, config: DataConfig) -> tuple[Pair, list[Finding]]:
+def check_conditioning(pair: Pair, config: DataConfig, record: CheckRecord | None = None) -> tuple[Pair, list[Finding]]:
     """The pair with its conditioning image's pixel digest (what a checkpoint records of it), and a fatal finding if
     that image cannot be read, would train blank (drawn only in its alpha channel, or float values of 0-1) or is not
-    its image's size (or its shape at another scale, large enough)."""
-    stamp = file_stamp(pair.conditioning.source)  # before reading: an edit while it is read shows as a changed file
-    try:
-        with pillow_warnings() as heard:
-            conditioning = read_conditioning(pair.conditioning)
-    except FinetuneError as err:
-        return pair, [Finding(FATAL, pair.image.source, str(err))]
+    its image's size (or its shape at another scale, large enough). `record`: its facts, kept from an earlier check while
+    the file is unchanged (one refused is not kept: it is read again)."""
+    source = pair.conditioning.source
+    stamp = file_stamp(source)  # before reading: an edit while it is read shows as a changed file
+    if (facts := record.facts(source, stamp, ConditioningFacts) if record is not None else None) is None:
+        try:
+            with pillow_warnings() as heard:
+                conditioning = read_conditioning(pair.conditioning)
+        except FinetuneError as err:
+            return pair, [Finding(FATAL, pair.image.source, str(err))]
+        facts = ConditioningFacts(size=conditioning.size, digest=pixel_digest(conditioning), heard=tuple(heard))
+        if record is not None:
+            record.keep(source, stamp, facts)
     # Its size and stamp: training stops where it changes size mid-run (files_as_checked.require_checked_size), as for images.
-    checked = replace(pair, conditioning=replace(pair.conditioning, digest=pixel_digest(conditioning), size=conditioning.size, file_stamp=stamp))
-    said = [Finding(WARNING, pair.image.source, "conditioning " + pillow_warning_line(pair.conditioning.source, heard))] if heard else []
-    return checked, said + conditioning_size_problems(pair, conditioning.size, config)
+    checked = replace(pair, conditioning=replace(pair.conditioning, digest=facts.digest, size=facts.size, file_stamp=stamp))
+    said = [Finding(WARNING, pair.image.source, "conditioning " + pillow_warning_line(source, list(facts.heard)))] if facts.heard else []
+    return checked, said + conditioning_size_problems(pair, facts.size, config)
 
 
 def conditioning_size_problems(pair: Pair, size: tuple[int, int], config: DataConfig) -> list[Finding]:

@@ -63,6 +63,7 @@ class DataReport:
     skipping: bool = False  # data.skip_bad_images: every image not `usable` is skipped (its finding may be said by another report)
     notes: list[str] = field(default_factory=list)  # lines of what training does with the data, said beside the counts
     unchanged: int = 0  # images whose facts came from the check's record (check_record.py), not decoded again
+    unchanged_conditioning: int = 0  # a ControlNet's conditioning images alike (finetune/controlnet/pairs.py)
 
     def of_level(self, level: str) -> list[Finding]:
         return [finding for finding in self.findings if finding.level == level]
@@ -81,7 +82,7 @@ class DataReport:
         held = len({example.source for example in self.usable} & held_out)
         lines = [f"{self.label}: {found}, {len(self.usable)} used, {skipped} skipped; {counted(uses, 'use')} per epoch"
                  + (f" ({held} held out by validation.loss_images)" if held else "")
-                 + (f"; {self.unchanged} unchanged since the last check, not decoded again" if self.unchanged else "")]  # fmt: skip
+                 + (f"; {self._unchanged_files()} unchanged since the last check, not decoded again" if self.unchanged or self.unchanged_conditioning else "")]  # fmt: skip
         sizes = [example.size for example in self.usable]
         if sizes:
             shapes = Counter("landscape" if w > h else "portrait" if h > w else "square" for w, h in sizes)
@@ -102,6 +103,12 @@ class DataReport:
             if len(entries) > len(shown):
                 lines.append(f"{level}: ... and {len(entries) - len(shown)} more (finetune check-data lists them all)")
         return lines
+
+    def _unchanged_files(self) -> str:
+        """'118' (of the images the line counts), or with a ControlNet's conditioning images '118 images and 120 conditioning images'."""
+        if not self.unchanged_conditioning:
+            return str(self.unchanged)
+        return f"{counted(self.unchanged, 'image')} and {counted(self.unchanged_conditioning, 'conditioning image')}"
 
 
 def loss_mask_line(usable: list[Example], config: DataConfig) -> str:
@@ -211,9 +218,9 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str, re
     """Check every example; never raises for a bad image (see `check_examples`). `record`: see `inspect`."""
     report = DataReport(label=label, config=config, found=len(examples))
     by_hash: dict[str, list[str]] = {}
-    taken_before = record.taken if record is not None else 0
+    taken_before = record.taken[ImageFacts] if record is not None else 0
     checked = each_on_threads(lambda e: inspect(e, config, record), examples, f"checking {label}")
-    report.unchanged = record.taken - taken_before if record is not None else 0
+    report.unchanged = record.taken[ImageFacts] - taken_before if record is not None else 0
     for example, (usable, findings, digest) in zip(examples, checked):
         report.findings += findings
         if usable is not None:

@@ -82,7 +82,7 @@ def run_check_data_command(args) -> int:
         if recipe is not None and recipe.method == "controlnet":
             from finetune.controlnet.pairs import inspect_pairs  # it builds on this module
 
-            reports.append(inspect_pairs(recipe.model_copy(update={"data": config}))[1])
+            reports.append(inspect_pairs(recipe.model_copy(update={"data": config}), record)[1])
         else:
             reports.append(inspect_examples(read_examples(config), config, data_label(config), record))
     items = [example for examples in expand_together([report.usable for report in reports]) for example in examples]  # as the trainer counts

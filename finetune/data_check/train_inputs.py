@@ -80,20 +80,24 @@ def check_data_first(recipe: Recipe, resume_from: Path | None = None) -> None:
     `finetune train` before torch and the model stack load, some 20 s; within `checks_kept` train() takes its result. A
     DreamBooth run's class images a user brought are checked too (those it generates are checked once made). Then whether
     the images left to train (`resume_from`'s held-out ones kept out) fill one batch, as train() refuses it once torch,
-    accelerate and diffusers have loaded. The images' results (a DreamBooth run's class images' too) are kept in the check's
-    record, for the next check to take those of unchanged files (finetune/data_check/check_record.py)."""
+    accelerate and diffusers have loaded. The images' results (a ControlNet's conditioning images', a DreamBooth run's class
+    images' too) are kept in the check's record, for the next check to take those of unchanged files
+    (finetune/data_check/check_record.py)."""
+    from finetune.data_check.check_record import recipe_record
+
     if recipe.method == "controlnet":
         from finetune.controlnet.conditioning_records import data_folder_record
         from finetune.controlnet.pairs import checked_pairs
 
         data_folder_record(recipe.data)  # a record make-conditions could not have written: before the images are decoded, as train() says it
-        pairs, report = checked_pairs(recipe)
+        record = recipe_record(recipe, make_folder=True)  # the pairs' files unchanged since the last check are not decoded again
+        pairs, report = checked_pairs(recipe, record)
+        record.save()  # once it passed: a run that fails its check leaves no record in a new output_dir (the lock removes that)
         check_batches_filled(recipe, [pair.image for pair in pairs], [report], resume_from)
         return
     if recipe.method == "vae":
         perceptual_network_file(recipe)  # as VAEMethod.check_data says it: before the images are read
     from finetune.data_check.check import checked_report
-    from finetune.data_check.check_record import recipe_record
 
     record = recipe_record(recipe, make_folder=True)  # the images unchanged since the last check are not decoded again
     reports = [checked_report(config, record) for config in data_configs(recipe)]
