@@ -109,15 +109,21 @@ def test_an_image_rewritten_with_its_size_and_mtime_kept_is_decoded_again(tmp_pa
     assert after.usable[0].digest != before[str(changed)]
 
 
-@pytest.mark.parametrize("record_text", ["{not json", json.dumps({"finetune_data_check": 0, "files": {}}), json.dumps([1, 2]),
-                                         "wrong fields", "other code"])  # fmt: skip
-def test_a_corrupt_or_foreign_record_is_checked_afresh(record_text, tmp_path, decoded):
+def one_image_checked(tmp_path):
+    """A folder of one image, checked once with its record saved in tmp_path: (the folder, its DataConfig)."""
     folder = tmp_path / "data"
     captioned(folder, "a.png", noise(64, 64))
     config = DataConfig(image_dir=str(folder), resolution=64)
     record = CheckRecord(tmp_path / RECORD_NAME)
     inspect_examples(read_examples(config), config, "data", record)
     record.save()
+    return folder, config
+
+
+@pytest.mark.parametrize("record_text", ["{not json", json.dumps({"finetune_data_check": 0, "files": {}}), json.dumps([1, 2]),
+                                         "wrong fields", "other code"])  # fmt: skip
+def test_a_corrupt_or_foreign_record_is_checked_afresh(record_text, tmp_path, decoded):
+    folder, config = one_image_checked(tmp_path)
     if record_text == "wrong fields":  # this version's record, its entry's facts not of their types
         written = json.loads((tmp_path / RECORD_NAME).read_text())
         for entry in written["files"].values():
@@ -156,12 +162,7 @@ def test_a_resume_decodes_no_image_again_and_check_data_writes_no_output_dir(tin
 def test_a_record_made_under_other_warning_filters_is_not_taken(tmp_path, decoded):
     """`python -W ignore` hears none of Pillow's warnings, and `-W error` refuses the image: the warnings a record kept
     under other filters are not the ones this check would say."""
-    folder = tmp_path / "data"
-    captioned(folder, "a.png", noise(64, 64))
-    config = DataConfig(image_dir=str(folder), resolution=64)
-    record = CheckRecord(tmp_path / RECORD_NAME)
-    inspect_examples(read_examples(config), config, "data", record)
-    record.save()
+    folder, config = one_image_checked(tmp_path)
     decoded.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
