@@ -171,7 +171,9 @@ def test_a_cached_view_reads_its_loss_mask_once_and_a_changed_mask_is_cut_anew(m
     """With cached latents each view's loss mask is cached beside them, at their size: later epochs and later
     runs read no mask file (nor, for source alpha, the image's transparency), and a changed mask is another
     entry, so it trains as an uncached run with that mask does."""
+    import finetune.data.loss_mask as loss_mask_module
     import finetune.data_check.check as check_module
+    import finetune.data_check.mask_check as mask_check_module
     from test_loss_mask import half_mask, masked_folder
 
     folder = masked_folder(tmp_path / "data")
@@ -184,9 +186,11 @@ def test_a_cached_view_reads_its_loss_mask_once_and_a_changed_mask_is_cut_anew(m
             image.putalpha(mask)
             image.save(folder / f"{i}.png")
     reader = "read_mask_file" if source == "files" else "alpha_mask"
-    reads, read = [], getattr(check_module, reader)
+    reads, read = [], getattr(loss_mask_module, reader)
     name = str if source == "files" else lambda image: hash(image.tobytes())  # a mask file's path, or the image's pixels
-    monkeypatch.setattr(check_module, reader, lambda image: reads.append(name(image)) or read(image))
+    for module in (check_module, mask_check_module):  # the check reads transparency in both, mask files in mask_check
+        if hasattr(module, reader):
+            monkeypatch.setattr(module, reader, lambda image: reads.append(name(image)) or read(image))
     settings = dict(data__image_dir=str(folder), data__loss_mask={"source": source}, train__max_steps=4, train__batch_size=2)
     cached = dict(train__cache_latents=True, train__cache_dir=str(tmp_path / "cache"))
 
