@@ -4,9 +4,11 @@ photos. Each is read as meant, or is one line naming the file or key and what to
 
 import json
 import os
+import struct
 import subprocess
 import sys
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +121,34 @@ def test_a_16_bit_file_holding_8_bit_values_is_not_trained_black(tmp_path):
     config = DataConfig(image_dir=str(tmp_path), resolution=64)
     pixels = CaptionedImageDataset(load_examples(config), config, seed=0)[(0, 0)]["pixel_values"]
     assert float(pixels.mean()) == pytest.approx(200 / 127.5 - 1.0, abs=0.01)
+
+
+
+def png_of_16_bit_rgb(path, values):
+    """`values` (height, width, 3) as a 16-bit RGB PNG, which Pillow cannot write (numpy's cv2.imwrite of uint16 can)."""
+    height, width, _ = values.shape
+    rows = b"".join(b"\0" + values[y].astype(">u2").tobytes() for y in range(height))  # filter 0 (none) before each row
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)  # 16 bits per sample, colour type 2: RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_a_16_bit_rgb_file_holding_8_bit_values_is_not_trained_black_and_a_16_bit_photo_is_as_before(tmp_path):
+    """Pillow reads a 16-bit RGB PNG by each sample's top byte: of 8-bit values, 0 everywhere."""
+    colour = np.random.default_rng(0).integers(1, 256, (64, 64, 3))
+    png_of_16_bit_rgb(tmp_path / "eight.png", colour)
+    png_of_16_bit_rgb(tmp_path / "photo.png", colour * 257)  # a real 16-bit photo: read by its top bytes, as before
+    for name in ("eight", "photo"):
+        (tmp_path / f"{name}.txt").write_text(name)
+    report = report_of(tmp_path)
+    assert [f.message for f in report.of_level(CONVERTED)] == [f"image {tmp_path / 'eight.png'}: 16-bit (RGB): its values are 8-bit ones (none above 255), read as such"]
+    assert report.of_level(FATAL) == []
+    config = DataConfig(image_dir=str(tmp_path), resolution=64)
+    for example in load_examples(config):
+        assert (np.asarray(decode(example)) == colour).all(), example.source
 
 
 def test_captions_in_upper_case_files_and_of_several_lines(tmp_path):

@@ -42,13 +42,30 @@ def decode(example: Example, at_least: int | None = None) -> Image.Image:
             raise FinetuneError(f"{example.source} has no image (a null cell): fill that cell, or remove the row")
         if at_least is not None:
             image.draft(None, (at_least, at_least))  # a no-op for other formats and decoded images
+        tiles = getattr(image, "tile", ())  # an opened file's (a dataset's array made an image has none)
+        rawmode = tiles[0].args if len(tiles) == 1 else None  # before load, which forgets it
         image.load()
+        if rawmode == "RGB;16B" and max(high for _, high in image.getextrema()) == 0:
+            image = low_bytes(example.load())
     except FinetuneError:
         raise
     except Exception as err:  # PIL raises many types for broken files
         if os.path.islink(example.source) and not os.path.exists(example.source):  # what it links to was moved or deleted
             raise FinetuneError(f"image {example.source} is a link to {os.readlink(example.source)}, which is not there: fix the link or remove it") from None
         raise FinetuneError(unreadable_message(example.source, err)) from None
+    return image
+
+
+# Set in a decoded image's info by `low_bytes`: a 16-bit RGB PNG whose values are 8-bit ones, read as such.
+EIGHT_BIT_VALUES = "finetune: 8-bit values in 16 bits"
+
+
+def low_bytes(image: Image.Image) -> Image.Image:
+    """An opened 16-bit RGB PNG decoded from each sample's low byte. Pillow keeps the top byte, which for 8-bit values
+    written into a 16-bit file (as numpy or OpenCV write one) is 0 everywhere: black (`decode` knows one so)."""
+    image.tile = [tile._replace(args="RGB;16L") for tile in image.tile]  # little-endian's top byte: the big-endian low one
+    image.load()
+    image.info[EIGHT_BIT_VALUES] = True
     return image
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from finetune.data.colour_profiles import profile_note
-from finetune.data.images import has_alpha, holds_8_bit_values, is_16_bit
+from finetune.data.images import EIGHT_BIT_VALUES, has_alpha, holds_8_bit_values, is_16_bit
+
+EIGHT_BIT_WORDS = "its values are 8-bit ones (none above 255), read as such"
 
 # Turned images listed by name, each on its own line, up to this many; more are one line naming this many.
 TURNED_NAMED = 3
@@ -27,7 +29,9 @@ def conversions(image, alpha_is_mask: bool = False) -> list[str]:
     if image.mode == "CMYK":
         done.append("CMYK: converted to RGB")
     elif is_16_bit(image):
-        done.append(f"16-bit ({image.mode}): " + ("its values are 8-bit ones (none above 255), read as such" if holds_8_bit_values(image) else "scaled to 8-bit RGB"))
+        done.append(f"16-bit ({image.mode}): " + (EIGHT_BIT_WORDS if holds_8_bit_values(image) else "scaled to 8-bit RGB"))
+    elif image.info.get(EIGHT_BIT_VALUES):  # a 16-bit RGB PNG, decoded as 8-bit RGB (`finetune.data.images.low_bytes`)
+        done.append(f"16-bit (RGB): {EIGHT_BIT_WORDS}")
     elif has_alpha(image) and not opaque(image):
         done.append(f"transparency ({image.mode}): " + ("its loss mask; the pixels composited on white" if alpha_is_mask else "composited on white"))
     elif image.mode in ("P", "PA"):
