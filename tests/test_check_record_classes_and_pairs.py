@@ -214,6 +214,7 @@ def test_a_file_read_as_an_image_and_as_a_conditioning_image_keeps_both(tmp_path
 
 def test_a_record_made_by_other_code_reading_conditioning_images_is_not_taken():
     """Conditioning images are read by finetune/controlnet/pairs.py (`read_conditioning`): its code is of the record's too."""
+    from finetune.controlnet import pairs
     from finetune.data_check.check_record import facts_code_files
 
-    assert Path(finetune.controlnet.pairs.__file__).resolve() in facts_code_files()
+    assert Path(pairs.__file__).resolve() in facts_code_files()
