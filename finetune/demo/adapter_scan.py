@@ -144,6 +144,13 @@ def by_name(adapters: dict[str, Adapter], root: Path, name: str) -> Adapter | No
     return next((adapter for adapter in folders if _relative(adapter.path, Path(root)) == name), None)
 
 
+def listed_name(adapters: dict[str, Adapter], root: Path, name: str | None, kind: str) -> str | None:
+    """`name` as the list shows it (edges for edges/controlnet: `by_name`), which labels and notes say; one the scan does not
+    know as an adapter of `kind` (the base, a name for another kind) stays as asked, as its error names it."""
+    adapter = by_name(adapters, root, name) if name not in (BASE, "", None) else None
+    return adapter.name if adapter is not None and adapter.kind == kind else name
+
+
 def adapter_files_stamp(adapter: Adapter) -> tuple:
     """What tells an adapter's files from what they held when it was loaded, cheaply (a stat of each file a load reads,
     nothing read): each one's path, inode, size, modification and change time. A file replaced (renamed over, even within

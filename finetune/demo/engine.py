@@ -19,6 +19,7 @@ server, and so every safety rule lives in one place that the page cannot go arou
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -32,7 +33,7 @@ from finetune.config import ModelConfig
 from finetune.controlnet.conditioning_records import kind_mismatch_line, recorded_kind, recorded_options
 from finetune.controlnet.folder import check_controlnet_fits, weights_variant
 from finetune.counts import counted
-from finetune.demo.adapter_scan import BASE, PICKLE_SUFFIXES, Adapter, adapter_files_stamp, by_name, scan_adapters
+from finetune.demo.adapter_scan import BASE, PICKLE_SUFFIXES, Adapter, adapter_files_stamp, by_name, listed_name, scan_adapters
 from finetune.demo.conditioning import conditioning_image
 from finetune.demo.inputs import UPLOADED, other_kind_notes
 from finetune.demo.lora_hooks import loras_applied
@@ -261,12 +262,8 @@ class DemoEngine:
         return results, labels, seeds, summary_of(len(columns), request.rows, time.perf_counter() - started) + notes
 
     def _as_listed(self, request: Request) -> Request:
-        """`request` with each adapter by the name the list shows (edges for edges/controlnet, still taken: `by_name`), which
-        its labels and notes name; one the scan does not know as that kind stays as asked, as its error names it."""
-        def listed(name, kind: str):
-            adapter = by_name(self.adapters, self.adapters_dir, name) if name not in (BASE, "", None) else None
-            return adapter.name if adapter is not None and adapter.kind == kind else name
-
+        """`request` with each adapter by the name the list shows, which its labels and notes name (`listed_name`)."""
+        listed = functools.partial(listed_name, self.adapters, self.adapters_dir)
         return replace(request, model=listed(request.model, "pipeline"), controlnet=listed(request.controlnet, "controlnet"),
                        loras=[(listed(name, "lora"), strength) for name, strength in request.loras])
 
